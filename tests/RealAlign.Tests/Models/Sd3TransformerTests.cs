@@ -116,6 +116,25 @@ public class Sd3TransformerTests
     }
 
     [Fact]
+    public void BackwardWorksThroughTheScopedForward()
+    {
+        // Freeing each block's inputs inside forward must not cut the autograd graph (training uses it).
+        using var c = Fixtures.Case("sd3_transformer");
+        var (args, _) = ParseCall(c);
+        using var model = SD3Transformer2DModel.FromPretrained(ModelDir(c));
+        using var scope = NewDisposeScope();
+        var x = ForwardInputs(c, args);
+        var loss = model.forward(x[0], x[1], x[2], x[3]).square().mean();
+        loss.backward();
+        foreach (var (name, p) in model.named_parameters())
+        {
+            Assert.True(p.grad is not null, $"{name} has no gradient");
+            Assert.True(p.grad!.isfinite().all().item<bool>(), $"{name} has a non-finite gradient");
+        }
+        Assert.True(model.transformer_blocks[0].attn.to_q.weight.grad!.abs().sum().item<float>() > 0);
+    }
+
+    [Fact]
     public void LoadsShardedCheckpoint()
     {
         // Re-save the case's weights the way diffusers shards them (index.json + -0000k-of-0000n files).

@@ -23,7 +23,8 @@ public sealed record SD3Transformer2DModelConfig
     [JsonPropertyName("pooled_projection_dim")] public long PooledProjectionDim { get; init; } = 2048;
     /// <summary>null means <see cref="InChannels"/>, as upstream.</summary>
     [JsonPropertyName("out_channels")] public long? OutChannels { get; init; } = 16;
-    [JsonPropertyName("pos_embed_max_size")] public long PosEmbedMaxSize { get; init; } = 96;
+    /// <summary>Side of the stored position table in patches; null gives an uncropped table of sample_size / patch_size.</summary>
+    [JsonPropertyName("pos_embed_max_size")] public long? PosEmbedMaxSize { get; init; } = 96;
     /// <summary>Blocks with the extra image-only attention (SD3.5-Medium: 0..12; SD3.0 and SD3.5-Large: none).</summary>
     [JsonPropertyName("dual_attention_layers")] public int[] DualAttentionLayers { get; init; } = [];
     /// <summary>null (SD3.0) or "rms_norm" (SD3.5).</summary>
