@@ -42,6 +42,7 @@ public sealed class Upsample2D : nn.Module<Tensor, Tensor>
         if (hidden_states.shape[1] != Channels)
             throw new ArgumentException($"Upsample2D: expected {Channels} channels, got shape [{string.Join(",", hidden_states.shape)}]");
         if (UseConvTranspose) return conv!.call(hidden_states);
+        if (!Interpolate && !UseConv) return hidden_states.alias();
 
         using var scope = NewDisposeScope();
         if (Interpolate)
