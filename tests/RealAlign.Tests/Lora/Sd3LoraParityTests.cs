@@ -114,3 +114,60 @@ public class Sd3LoraParityTests
         Assert.Equal(expected, targets.Linears.Keys.Where(cfg.IsTarget).OrderBy(p => p, StringComparer.Ordinal));
     }
 }
+
+/// <summary>
+/// sd3_pipeline_lora through the core pipeline (the gRPC test covers the same through the server):
+/// no adapter, then each <c>adapters/&lt;format&gt;</c> at every stored scale, installed as a
+/// <see cref="LoraHook"/> around the pipeline call (the CFG-doubled batch uses the same scale).
+/// </summary>
+public class Sd3PipelineLoraTests
+{
+    private static readonly Regex Scaled = new(@"^(?<fmt>\w+)\.scale_(?<s>[-0-9.eE+]+)\.final_latents$");
+
+    [Fact]
+    public void PipelineWithAdaptersMatchesUpstream()
+    {
+        using var c = Fixtures.Case("sd3_pipeline_lora");
+        using var pipe = RealAlign.Core.Pipelines.StableDiffusion3Pipeline.FromPretrained(c.PathOf(c.Json["pipeline_dir"]!.GetValue<string>()));
+        var targets = LoraTargetSet.FromModule(pipe.Transformer, pipe.Family);
+        var a = c.Json["call_args"]!.AsObject();
+        using var _ = no_grad();
+        using var scope = NewDisposeScope();
+        var latents = c.In("latents");
+        var o = new RealAlign.Core.Pipelines.GenerationOptions
+        {
+            Prompt = a["prompt"]![0]!.GetValue<string>(),
+            NegativePrompt = a["negative_prompt"]![0]!.GetValue<string>(),
+            GuidanceScale = a["guidance_scale"]!.GetValue<double>(),
+            NumInferenceSteps = a["num_inference_steps"]!.GetValue<int>(),
+            Height = a["height"]!.GetValue<int>(),
+            Width = a["width"]!.GetValue<int>(),
+            NumImages = (int)latents.shape[0],
+            PriorNoise = Enumerable.Range(0, (int)latents.shape[0]).Select(i => latents[i]).ToArray(),
+        };
+
+        void Check(string prefix, LoraHook? hook)
+        {
+            IReadOnlyList<RealAlign.Core.Pipelines.GeneratedSample> samples;
+            using (LinearHooks.Use(hook)) samples = pipe.Generate(o, null, CancellationToken.None);
+            c.AssertClose(prefix + ".final_latents", stack(samples.Select(s => s.Latents).ToArray(), 0));
+            c.AssertClose(prefix + ".image", stack(samples.Select(s => s.Image).ToArray(), 0));
+            foreach (var s in samples) s.Dispose();
+        }
+
+        Check("base", null);
+        int checkedCount = 0;
+        foreach (var name in c.OutNames)
+        {
+            var m = Scaled.Match(name);
+            if (!m.Success) continue;
+            var fmt = m.Groups["fmt"].Value;
+            double s = double.Parse(m.Groups["s"].Value, CultureInfo.InvariantCulture);
+            using var w = LoraFormats.Load(c.PathOf("adapters", fmt), targets, new LoraLoadOptions { Format = fmt });
+            using var hook = new LoraHook(w, s);
+            Check(name[..^".final_latents".Length], hook);
+            checkedCount++;
+        }
+        Assert.True(checkedCount >= 3, $"only {checkedCount} adapter outputs found");
+    }
+}
