@@ -25,8 +25,8 @@ public static partial class ServerCommandLine
         public readonly Option<int> MetricsPort = Port("--metrics-port", ServerOptions.DefaultMetricsPort, "Prometheus /metrics (HTTP/1.1) port");
         public readonly Option<string> Bind = new("--bind")
         {
-            Description = "Address to listen on (IP address, 'localhost', or '*' for all interfaces)",
-            DefaultValueFactory = _ => "127.0.0.1",
+            Description = "Address to listen on (IP address, 'localhost', or '*' for all interfaces); default $REALALIGN_BIND, else 127.0.0.1",
+            DefaultValueFactory = _ => Environment.GetEnvironmentVariable("REALALIGN_BIND") is { Length: > 0 } env ? env : "127.0.0.1",
         };
         public readonly Option<string[]> Backbone = new("--backbone")
         {

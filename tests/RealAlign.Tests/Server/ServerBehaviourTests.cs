@@ -2,7 +2,9 @@ using System.Diagnostics;
 using Grpc.Core;
 using Grpc.Health.V1;
 using Grpc.Reflection.V1Alpha;
+using Microsoft.Extensions.DependencyInjection;
 using RealAlign.Server.Backbones;
+using RealAlign.Server.Execution;
 using RealAlign.V1;
 
 namespace RealAlign.Tests.Server;
@@ -41,6 +43,11 @@ public sealed class ServerBehaviourTests
 
         cancelQueued.Cancel();
         cancelRunning.Cancel();
+        // The cancellations reach the server asynchronously (RST_STREAM); wait until both are gone.
+        var executor = server.Host.App.Services.GetRequiredService<DeviceExecutor>();
+        var until = DateTime.UtcNow.AddSeconds(10);
+        while ((executor.QueueDepth > 0 || executor.IsBusy) && DateTime.UtcNow < until) await Task.Delay(10);
+        Assert.Equal(0, executor.QueueDepth);
         var events = await server.CollectAsync(TestServer.Valid(steps: 2));
         Assert.Single(events, e => e.EventCase == GenerateEvent.EventOneofCase.Image);
         var metrics = await server.GetMetricsTextAsync();
