@@ -52,6 +52,9 @@ public sealed class BackboneRegistry : IDisposable
     private readonly ILogger<BackboneRegistry> _log;
     private volatile IReadOnlyDictionary<string, Backbone> _loaded = new Dictionary<string, Backbone>();
     private volatile bool _ready;
+    // Completes when loading has finished (either way): requests that arrive while the server is still
+    // loading wait for it instead of failing, so a client may call as soon as the port accepts connections.
+    private readonly TaskCompletionSource _loadFinished = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
     public BackboneRegistry(IReadOnlyList<BackboneRegistration> registrations, DeviceExecutor executor, ILogger<BackboneRegistry> log)
     {
@@ -79,6 +82,14 @@ public sealed class BackboneRegistry : IDisposable
         throw new BackboneNotFoundException(name, _registrations.Select(r => r.Name));
     }
 
+    /// <summary>Waits (within the caller's deadline) until the backbones have finished loading.</summary>
+    public async Task WaitUntilLoadedAsync(string name, CancellationToken ct)
+    {
+        if (_ready || _loaded.ContainsKey(name) || !_registrations.Any(r => r.Name == name)) return;
+        try { await _loadFinished.Task.WaitAsync(ct); }
+        catch (OperationCanceledException) when (ct.IsCancellationRequested) { }
+    }
+
     public async Task LoadAsync(CancellationToken ct)
     {
         var loaded = new Dictionary<string, Backbone>();
@@ -100,10 +111,12 @@ public sealed class BackboneRegistry : IDisposable
                     r.Name, pipeline.Family, pipeline.LatentChannels, pipeline.VaeScaleFactor, side, side, (DateTime.UtcNow - started).TotalSeconds);
             }
             _ready = true;
+            _loadFinished.TrySetResult();
         }
         catch (Exception e)
         {
             LoadError = e;
+            _loadFinished.TrySetResult();
             throw;
         }
     }

@@ -30,6 +30,7 @@ public sealed class GenerationService(
     {
         var log = RequestLog.Of(context);
         log.Backbone = request.Backbone;
+        await registry.WaitUntilLoadedAsync(request.Backbone, context.CancellationToken);
         var req = GenerateRequestValidator.Validate(request, registry, options);
         (log.Images, log.Steps, log.Width, log.Height) = (req.NumImages, req.Steps, req.Width, req.Height);
 
