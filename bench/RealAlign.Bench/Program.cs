@@ -11,5 +11,6 @@ string what = argsList.FirstOrDefault(a => !a.StartsWith("--") && !int.TryParse(
 TorchSharp.torch.set_num_threads(threads);
 Console.WriteLine($"# RealAlign.Grpc bench — {DateTime.UtcNow:u}, {Environment.ProcessorCount} cores visible, torch threads {threads}");
 var sw = Stopwatch.StartNew();
+if (what is "all" or "generation" or "grpc") await GrpcOverheadBench.RunAsync();
 if (what is "all" or "generation") GenerationBench.Run(fixtures);
 Console.WriteLine($"# done in {sw.Elapsed.TotalSeconds:F1} s");
