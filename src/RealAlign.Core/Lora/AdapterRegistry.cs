@@ -20,6 +20,8 @@ public sealed record AdapterRegistryOptions
     public string? AdaptersRoot { get; init; }
     public int MaxRank { get; init; } = 256;
     public int MaxAdapters { get; init; } = 64;
+    /// <summary>Largest total size of the files of one uploaded adapter.</summary>
+    public long MaxUploadBytes { get; init; } = 4L << 30;
 }
 
 /// <summary>A backbone adapters can be loaded for: its linear layers, and where its forward runs.</summary>
@@ -148,6 +150,8 @@ public sealed class AdapterRegistry : IDisposable
 
     public IReadOnlyCollection<AdapterBackbone> Backbones => _backbones.Values.ToList();
 
+    public bool TryGetBackbone(string name, out AdapterBackbone backbone) => _backbones.TryGetValue(name, out backbone!);
+
     /// <summary>The named backbone; an empty name picks the only one registered.</summary>
     public AdapterBackbone GetBackbone(string? name)
     {
@@ -183,6 +187,18 @@ public sealed class AdapterRegistry : IDisposable
             : Path.GetFullPath(path);
         var weights = LoraFormats.Load(resolved, bb.Targets, new LoraLoadOptions { MaxRank = Options.MaxRank, Format = format });
         return Install(name, bb, weights, path);
+    }
+
+    /// <summary>
+    /// Like <see cref="Load"/> for a path the server itself chose (an upload's staging folder), so
+    /// it is not confined to the adapters root. Never pass a client-supplied path here.
+    /// </summary>
+    public AdapterVersion LoadTrusted(string name, string? backbone, string path, string? format, string source)
+    {
+        ValidateName(name);
+        var bb = GetBackbone(backbone);
+        var weights = LoraFormats.Load(path, bb.Targets, new LoraLoadOptions { MaxRank = Options.MaxRank, Format = format });
+        return Install(name, bb, weights, source);
     }
 
     /// <summary>Installs weights made elsewhere (an upload, a trainer); the registry takes ownership.</summary>

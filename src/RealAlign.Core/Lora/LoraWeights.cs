@@ -17,9 +17,12 @@ public sealed class LoraModule
     public Tensor B { get; }
     public double Alpha { get; }
 
-    public long Rank => A.shape[0];
-    public long InFeatures => A.shape[1];
-    public long OutFeatures => B.shape[0];
+    // Kept as plain numbers so descriptions of a version stay readable after its tensors are freed.
+    public long Rank { get; }
+    public long InFeatures { get; }
+    public long OutFeatures { get; }
+    /// <summary>Resident bytes of A and B.</summary>
+    public long Bytes { get; }
 
     public LoraModule(string path, Tensor a, Tensor b, double alpha)
     {
@@ -29,6 +32,10 @@ public sealed class LoraModule
         A = a;
         B = b;
         Alpha = alpha;
+        Rank = a.shape[0];
+        InFeatures = a.shape[1];
+        OutFeatures = b.shape[0];
+        Bytes = a.NumberOfElements * a.ElementSize + b.NumberOfElements * b.ElementSize;
     }
 
     /// <summary>
@@ -75,7 +82,7 @@ public sealed class LoraWeights : IDisposable
     /// <summary>sha256 of the weights file (the safetensors), the adapter's content identity.</summary>
     public string Sha256 => Files.Count == 0 ? "" : Files[^1].Sha256;
     public long ByteSize => Files.Sum(f => f.ByteSize);
-    public long ParameterBytes => _modules.Values.Sum(m => m.A.NumberOfElements * m.A.ElementSize + m.B.NumberOfElements * m.B.ElementSize);
+    public long ParameterBytes => _modules.Values.Sum(m => m.Bytes);
 
     public double Scaling(string path) => _modules[path].Scaling(UseRsLora);
 

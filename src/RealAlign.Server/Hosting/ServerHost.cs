@@ -1,6 +1,7 @@
 using System.Net;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Prometheus;
+using RealAlign.Core.Lora;
 using RealAlign.Server.Backbones;
 using RealAlign.Server.Execution;
 using RealAlign.Server.Interceptors;
@@ -85,6 +86,8 @@ public sealed class ServerHost : IAsyncDisposable
         builder.Services.AddSingleton(sp => new BackboneRegistry(
             backbones, sp.GetRequiredService<DeviceExecutor>(), sp.GetRequiredService<ILogger<BackboneRegistry>>()));
         builder.Services.AddHostedService<BackboneLoader>();
+        builder.Services.AddSingleton(_ => new AdapterRegistry(new AdapterRegistryOptions { AdaptersRoot = options.AdaptersRoot }));
+        builder.Services.AddSingleton<AdapterBackboneBinder>();
 
         builder.Services.AddGrpc(o =>
         {
@@ -98,11 +101,13 @@ public sealed class ServerHost : IAsyncDisposable
             {
                 o.Services.Map("", _ => true);
                 o.Services.Map(V1.Generation.Descriptor.FullName, _ => true);
+                o.Services.Map(V1.Adapters.Descriptor.FullName, _ => true);
             })
             .AddCheck<BackbonesHealthCheck>("backbones");
 
         var app = builder.Build();
         app.MapGrpcService<GenerationService>();
+        app.MapGrpcService<AdaptersService>();
         app.MapGrpcHealthChecksService();
         app.MapGrpcReflectionService();
         // /metrics answers only on the metrics port (RequireHost cannot name a port chosen at bind time).

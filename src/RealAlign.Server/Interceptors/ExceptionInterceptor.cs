@@ -74,6 +74,14 @@ public sealed class ExceptionInterceptor(ILogger<ExceptionInterceptor> log, Serv
         UnsupportedFeatureException => new Status(StatusCode.Unimplemented, e.Message),
         OperationCanceledException when context.Deadline <= DateTime.UtcNow => new Status(StatusCode.DeadlineExceeded, "deadline exceeded"),
         OperationCanceledException => new Status(StatusCode.Cancelled, "cancelled by the client"),
+        RealAlign.Core.Lora.AdapterException a => new Status(a.Kind switch
+        {
+            RealAlign.Core.Lora.AdapterErrorKind.NotFound => StatusCode.NotFound,
+            RealAlign.Core.Lora.AdapterErrorKind.PermissionDenied => StatusCode.PermissionDenied,
+            RealAlign.Core.Lora.AdapterErrorKind.ResourceExhausted => StatusCode.ResourceExhausted,
+            _ => StatusCode.InvalidArgument,
+        }, e.Message),
+        RealAlign.Core.Lora.LoraFormatException => new Status(StatusCode.InvalidArgument, e.Message),
         ArgumentException => new Status(StatusCode.InvalidArgument, e.Message),
         _ when e.Message.Contains("out of memory", StringComparison.OrdinalIgnoreCase) =>
             new Status(StatusCode.ResourceExhausted, "the device ran out of memory; try fewer images or a smaller size"),

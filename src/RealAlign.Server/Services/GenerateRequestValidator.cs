@@ -20,7 +20,8 @@ public sealed record ValidatedGenerate(
     IReadOnlyList<WireTensor>? PriorNoise,
     bool ReturnImageTensor,
     bool ReturnLatents,
-    bool OmitPng);
+    bool OmitPng,
+    IReadOnlyList<AdapterRef>? Adapters = null);
 
 /// <summary>
 /// Checks a request completely before anything reaches the device, so a bad request never costs
@@ -33,8 +34,14 @@ public static class GenerateRequestValidator
         var backbone = registry.Get(r.Backbone);
         var pipeline = backbone.Pipeline;
 
-        if (r.Adapters.Count > 0)
-            throw new UnsupportedFeatureException("adapters: per-request LoRA adapters are not available on this server yet");
+        // Names are resolved against the adapter registry when the request starts (GenerationService).
+        for (var i = 0; i < r.Adapters.Count; i++)
+        {
+            if (string.IsNullOrEmpty(r.Adapters[i].Name))
+                throw new InvalidRequestException($"adapters[{i}].name: empty");
+            if (!float.IsFinite(r.Adapters[i].Scale))
+                throw new InvalidRequestException($"adapters[{i}].scale: must be finite, got {r.Adapters[i].Scale.ToString(System.Globalization.CultureInfo.InvariantCulture)}");
+        }
 
         var width = r.Width == 0 ? backbone.DefaultWidth : (long)r.Width;
         var height = r.Height == 0 ? backbone.DefaultHeight : (long)r.Height;
@@ -76,6 +83,7 @@ public static class GenerateRequestValidator
         return new ValidatedGenerate(
             backbone, r.Prompt, r.NegativePrompt, (int)width, (int)height, (int)steps, r.GuidanceScale, (int)numImages,
             seeds, r.PriorNoise.Count > 0 ? r.PriorNoise.ToArray() : null,
-            r.ReturnImageTensor, r.ReturnLatents, r.OmitPng);
+            r.ReturnImageTensor, r.ReturnLatents, r.OmitPng,
+            r.Adapters.Count > 0 ? r.Adapters.ToArray() : null);
     }
 }

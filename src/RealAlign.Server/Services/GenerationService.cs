@@ -1,6 +1,8 @@
 using System.Diagnostics;
 using System.Threading.Channels;
 using Grpc.Core;
+using RealAlign.Core.Lora;
+using RealAlign.Core.Models;
 using RealAlign.Core.Pipelines;
 using RealAlign.Server.Backbones;
 using RealAlign.Server.Execution;
@@ -21,7 +23,8 @@ public sealed class GenerationService(
     BackboneRegistry registry,
     DeviceExecutor executor,
     ServerOptions options,
-    ServerMetrics metrics) : Generation.GenerationBase
+    ServerMetrics metrics,
+    AdapterBackboneBinder adapterBinder) : Generation.GenerationBase
 {
     /// <summary>What leaves the device thread: managed copies only, no tensors.</summary>
     private sealed record SampleResult(int Index, long Seed, WireTensor PriorNoise, float[] Image, WireTensor? Latents);
@@ -38,15 +41,28 @@ public sealed class GenerationService(
         var events = Channel.CreateUnbounded<GenerateEvent>(new UnboundedChannelOptions { SingleReader = true });
         var stepSeconds = metrics.StepDuration.WithLabels(req.Backbone.Name);
 
-        var run = executor.RunAsync(
-            token => RunOnDevice(req, events.Writer, stepSeconds, token),
-            ct,
-            onQueued: ahead =>
-            {
-                if (ahead > 0)
-                    events.Writer.TryWrite(new GenerateEvent { Progress = new Progress { TotalSteps = (uint)req.Steps, QueuePosition = (uint)ahead } });
-            });
-        _ = run.ContinueWith(_ => events.Writer.TryComplete(), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        // Adapter versions are captured now, at request start: a hot swap while this request waits or
+        // runs does not change it. The lease is released when the device work has finished (not when
+        // this call returns: a cancelled call may return while its work item is still running).
+        var (lease, appliedAdapters) = AcquireAdapters(req);
+        Task<IReadOnlyList<SampleResult>> run;
+        try
+        {
+            run = executor.RunAsync(
+                token => RunOnDevice(req, lease, events.Writer, stepSeconds, token),
+                ct,
+                onQueued: ahead =>
+                {
+                    if (ahead > 0)
+                        events.Writer.TryWrite(new GenerateEvent { Progress = new Progress { TotalSteps = (uint)req.Steps, QueuePosition = (uint)ahead } });
+                });
+        }
+        catch
+        {
+            lease?.Dispose();
+            throw;
+        }
+        _ = run.ContinueWith(_ => { events.Writer.TryComplete(); lease?.Dispose(); }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
 
         await foreach (var e in events.Reader.ReadAllAsync(ct))
             await responseStream.WriteAsync(e, ct);
@@ -71,14 +87,38 @@ public sealed class GenerationService(
             if (await pngs[i] is { } png) image.ImagePng = Google.Protobuf.ByteString.CopyFrom(png);
             if (req.ReturnImageTensor) image.Image = TensorWire.FromFloats(s.Image, [3, req.Height, req.Width]);
             if (s.Latents is not null) image.Latents = s.Latents;
+            image.Adapters.AddRange(appliedAdapters);
             await responseStream.WriteAsync(new GenerateEvent { Image = image }, ct);
             metrics.ImagesGenerated.WithLabels(req.Backbone.Name).Inc();
         }
     }
 
+    /// <summary>
+    /// The request's adapters resolved to their current versions (NOT_FOUND names the unknown ones),
+    /// and how the response reports them (<c>name@version</c>, scale).
+    /// </summary>
+    private (AdapterLease? Lease, IReadOnlyList<AdapterRef> Applied) AcquireAdapters(ValidatedGenerate req)
+    {
+        if (req.Adapters is null) return (null, []);
+        adapterBinder.Ensure(req.Backbone);
+        var lease = adapterBinder.Adapters.Acquire(req.Adapters.Select(a => a.Name));
+        try
+        {
+            foreach (var v in lease.Versions)
+                if (v.Backbone != req.Backbone.Name)
+                    throw new InvalidRequestException($"adapters: '{v.Name}' was loaded for backbone '{v.Backbone}', not '{req.Backbone.Name}'");
+            return (lease, req.Adapters.Select(a => new AdapterRef { Name = $"{a.Name}@{lease[a.Name].Version}", Scale = a.Scale }).ToList());
+        }
+        catch
+        {
+            lease.Dispose();
+            throw;
+        }
+    }
+
     /// <summary>Runs on the device thread inside a dispose scope and no_grad; never awaits.</summary>
     private static IReadOnlyList<SampleResult> RunOnDevice(
-        ValidatedGenerate req, ChannelWriter<GenerateEvent> events, Prometheus.Histogram.Child stepSeconds, CancellationToken ct)
+        ValidatedGenerate req, AdapterLease? lease, ChannelWriter<GenerateEvent> events, Prometheus.Histogram.Child stepSeconds, CancellationToken ct)
     {
         ct.ThrowIfCancellationRequested();
         var noise = req.PriorNoise?.Select((t, i) => TensorWire.ToTorch(t, $"prior_noise[{i}]")).ToList();
@@ -105,7 +145,12 @@ public sealed class GenerationService(
             });
         }
 
-        var samples = req.Backbone.Pipeline.Generate(generation, OnStep, ct);
+        // LoRA is applied by a hook on the transformer's linear layers for this call only (every image
+        // row uses the request's adapters; the base weights are never modified).
+        using var hook = lease?.CreateHook(req.Adapters!.Select(a => (a.Name, (double)a.Scale)).ToList());
+        IReadOnlyList<GeneratedSample> samples;
+        using (LinearHooks.Use(hook))
+            samples = req.Backbone.Pipeline.Generate(generation, OnStep, ct);
         try
         {
             if (samples.Count != req.NumImages)
