@@ -85,6 +85,8 @@ public sealed class ServerHost : IAsyncDisposable
         builder.Services.AddSingleton(sp => new BackboneRegistry(
             backbones, sp.GetRequiredService<DeviceExecutor>(), sp.GetRequiredService<ILogger<BackboneRegistry>>()));
         builder.Services.AddHostedService<BackboneLoader>();
+        var rewards = RewardsService.LoadRegistry(options, device);
+        builder.Services.AddSingleton(_ => rewards); // factory-registered: the container disposes it
 
         builder.Services.AddGrpc(o =>
         {
@@ -103,6 +105,7 @@ public sealed class ServerHost : IAsyncDisposable
 
         var app = builder.Build();
         app.MapGrpcService<GenerationService>();
+        app.MapGrpcService<RewardsService>();
         app.MapGrpcHealthChecksService();
         app.MapGrpcReflectionService();
         // /metrics answers only on the metrics port (RequireHost cannot name a port chosen at bind time).
