@@ -113,6 +113,30 @@ public sealed class ClipTokenizer
         return Create(vocab, merges, config, null);
     }
 
+    /// <summary>
+    /// Builds the tokenizer from openai CLIP's / open_clip's <c>bpe_simple_vocab_16e6.txt(.gz)</c>, which holds
+    /// only the merges: the vocabulary is derived as <c>SimpleTokenizer.__init__</c> does (the 256 byte
+    /// symbols in <c>bytes_to_unicode</c> order, the same with <c>&lt;/w&gt;</c>, one entry per merge,
+    /// then start/end of text), which gives the same ids as transformers' vocab.json (49406 / 49407).
+    /// </summary>
+    public static ClipTokenizer FromOpenAiBpe(string path)
+    {
+        using var file = File.OpenRead(path);
+        using Stream text = path.EndsWith(".gz", StringComparison.OrdinalIgnoreCase)
+            ? new System.IO.Compression.GZipStream(file, System.IO.Compression.CompressionMode.Decompress)
+            : file;
+        var merges = ReadMerges(text);
+        var byteEncoder = BytesToUnicode();
+        var order = Enumerable.Range(0, 256).Where(IsPrintableByte).Concat(Enumerable.Range(0, 256).Where(b => !IsPrintableByte(b)));
+        var symbols = order.Select(b => byteEncoder[b]).ToList();
+        var vocab = new Dictionary<string, int>(StringComparer.Ordinal);
+        foreach (var v in symbols.Concat(symbols.Select(v => v + "</w>")).Concat(merges.Select(m => m.Replace(" ", ""))))
+            vocab[v] = vocab.Count;
+        vocab[StartOfText] = vocab.Count;
+        vocab[EndOfText] = vocab.Count;
+        return new ClipTokenizer(vocab, merges, StartOfText, EndOfText, EndOfText, EndOfText, new Dictionary<string, int>(), 77);
+    }
+
     private static Stream OpenResource(Assembly asm, string name) =>
         asm.GetManifestResourceStream(name) ?? throw new InvalidOperationException($"embedded resource '{name}' is missing from {asm.GetName().Name}");
 
@@ -415,14 +439,15 @@ public sealed class ClipTokenizer
     }
 
     /// <summary>GPT-2/CLIP <c>bytes_to_unicode</c>: printable bytes map to themselves, the rest to U+0100 onwards.</summary>
+    private static bool IsPrintableByte(int b) => b is >= '!' and <= '~' or >= 0xA1 and <= 0xAC or >= 0xAE and <= 0xFF;
+
     private static string[] BytesToUnicode()
     {
         var map = new string[256];
         int n = 0;
         for (int b = 0; b < 256; b++)
         {
-            bool printable = b is >= '!' and <= '~' or >= 0xA1 and <= 0xAC or >= 0xAE and <= 0xFF;
-            map[b] = ((char)(printable ? b : 256 + n++)).ToString();
+            map[b] = ((char)(IsPrintableByte(b) ? b : 256 + n++)).ToString();
         }
         return map;
     }

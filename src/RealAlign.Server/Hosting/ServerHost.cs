@@ -86,6 +86,8 @@ public sealed class ServerHost : IAsyncDisposable
         builder.Services.AddSingleton(sp => new BackboneRegistry(
             backbones, sp.GetRequiredService<DeviceExecutor>(), sp.GetRequiredService<ILogger<BackboneRegistry>>()));
         builder.Services.AddHostedService<BackboneLoader>();
+        var rewards = RewardsService.LoadRegistry(options, device);
+        builder.Services.AddSingleton(_ => rewards); // factory-registered: the container disposes it
         builder.Services.AddSingleton(_ => new AdapterRegistry(new AdapterRegistryOptions { AdaptersRoot = options.AdaptersRoot }));
         builder.Services.AddSingleton<AdapterBackboneBinder>();
 
@@ -107,6 +109,7 @@ public sealed class ServerHost : IAsyncDisposable
 
         var app = builder.Build();
         app.MapGrpcService<GenerationService>();
+        app.MapGrpcService<RewardsService>();
         app.MapGrpcService<AdaptersService>();
         app.MapGrpcHealthChecksService();
         app.MapGrpcReflectionService();

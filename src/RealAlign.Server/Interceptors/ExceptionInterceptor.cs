@@ -69,6 +69,7 @@ public sealed class ExceptionInterceptor(ILogger<ExceptionInterceptor> log, Serv
         RpcException rpc => rpc.Status,
         InvalidRequestException => new Status(StatusCode.InvalidArgument, e.Message),
         BackboneNotFoundException => new Status(StatusCode.NotFound, e.Message),
+        Core.Rewards.RewardNotFoundException => new Status(StatusCode.NotFound, e.Message),
         CapacityExceededException => new Status(StatusCode.ResourceExhausted, e.Message),
         NotReadyException => new Status(StatusCode.Unavailable, e.Message),
         UnsupportedFeatureException => new Status(StatusCode.Unimplemented, e.Message),

@@ -1,3 +1,4 @@
+using RealAlign.Core.Imaging;
 using SkiaSharp;
 
 namespace RealAlign.Server.Wire;
@@ -14,21 +15,14 @@ public static class PngEncoder
         var plane = checked(height * width);
         if (chw.Length != 3 * plane)
             throw new ArgumentException($"expected 3×{height}×{width} = {3 * plane} values, got {chw.Length}", nameof(chw));
-        var pixels = new byte[4 * plane];
-        var r = chw[..plane];
-        var g = chw.Slice(plane, plane);
-        var b = chw.Slice(2 * plane, plane);
+        var rgb = new byte[3 * plane];
         for (var i = 0; i < plane; i++)
         {
-            pixels[4 * i] = Quantise(r[i]);
-            pixels[4 * i + 1] = Quantise(g[i]);
-            pixels[4 * i + 2] = Quantise(b[i]);
-            pixels[4 * i + 3] = 255;
+            rgb[3 * i] = Quantise(chw[i]);
+            rgb[3 * i + 1] = Quantise(chw[plane + i]);
+            rgb[3 * i + 2] = Quantise(chw[2 * plane + i]);
         }
-        var info = new SKImageInfo(width, height, SKColorType.Rgba8888, SKAlphaType.Opaque);
-        using var image = SKImage.FromPixelCopy(info, pixels);
-        using var data = image.Encode(SKEncodedImageFormat.Png, 100);
-        return data.ToArray();
+        return ImageCodec.EncodeRgb(rgb, width, height, SKEncodedImageFormat.Png, 100);
     }
 
     /// <summary>round(clamp(x, 0, 1) · 255), half to even; NaN becomes 0.</summary>

@@ -10,6 +10,7 @@ using static TorchSharp.torch;
 namespace RealAlign.Tests.Server;
 
 /// <summary>Generation through the gRPC API on real backbones: the sd3_pipeline golden folder and the embedded tiny default.</summary>
+[Collection(MemoryMeasurementCollection.Name)]
 public class RealBackboneGrpcTests
 {
     private static async Task<TestServer> StartAsync(string name, string source, Func<Device, ITextToImagePipeline> factory, int? sampleSize = null)

@@ -124,10 +124,15 @@ public sealed class ServerBehaviourTests
 
         var before = await server.Health.CheckAsync(new HealthCheckRequest());
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.NotServing, before.Status);
-        var unavailable = await Assert.ThrowsAsync<RpcException>(() => server.CollectAsync(TestServer.Valid()));
-        Assert.Equal(StatusCode.Unavailable, unavailable.StatusCode);
+        // A request made while loading waits for the load (within its deadline) instead of failing.
+        var early = await Assert.ThrowsAsync<RpcException>(() => server.CollectAsync(TestServer.Valid(), deadline: DateTime.UtcNow.AddMilliseconds(300)));
+        Assert.Equal(StatusCode.DeadlineExceeded, early.StatusCode);
+        var waiting = server.CollectAsync(TestServer.Valid());
+        await Task.Delay(200);
+        Assert.False(waiting.IsCompleted);
 
         gate.Set();
+        Assert.Single(await waiting, e => e.EventCase == GenerateEvent.EventOneofCase.Image);
         var until = DateTime.UtcNow.AddSeconds(30);
         HealthCheckResponse after;
         do
