@@ -2,7 +2,7 @@ using System.Diagnostics;
 using RealAlign.Bench;
 
 // Benchmarks print figures measured side by side in one run. Usage:
-//   dotnet run -c Release --project bench/RealAlign.Bench -- [generation|rewards|all] [--threads N] [--fixtures DIR]
+//   dotnet run -c Release --project bench/RealAlign.Bench -- [generation|rewards|lora|all] [--threads N] [--fixtures DIR]
 var argsList = args.ToList();
 string Opt(string name, string dflt) { int i = argsList.IndexOf(name); return i >= 0 && i + 1 < argsList.Count ? argsList[i + 1] : dflt; }
 int threads = int.Parse(Opt("--threads", "2"));
@@ -14,4 +14,5 @@ var sw = Stopwatch.StartNew();
 if (what is "all" or "generation" or "grpc") await GrpcOverheadBench.RunAsync();
 if (what is "all" or "generation") GenerationBench.Run(fixtures);
 if (what is "all" or "rewards") RewardsBench.Run();
+if (what is "all" or "lora") LoraBench.Run();
 Console.WriteLine($"# done in {sw.Elapsed.TotalSeconds:F1} s");

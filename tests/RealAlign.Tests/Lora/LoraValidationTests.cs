@@ -124,6 +124,22 @@ public class LoraValidationTests : IDisposable
     }
 
     [Fact]
+    public void FiniteCheckFindsNanAndInfAnywhere()
+    {
+        foreach (var n in new[] { 1, 7, 8, 33, 1001 })
+            for (int at = 0; at < n; at += Math.Max(1, n / 5))
+                foreach (var bad in new[] { float.NaN, float.PositiveInfinity, float.NegativeInfinity })
+                {
+                    var t = randn(n);
+                    Assert.True(LoraFormats.AllFinite(t));
+                    t[at] = bad;
+                    Assert.False(LoraFormats.AllFinite(t), $"n={n} at={at} {bad}");
+                    Assert.False(LoraFormats.AllFinite(t.to_type(ScalarType.Float16)));
+                }
+        Assert.True(LoraFormats.AllFinite(full(10, float.MaxValue)));
+    }
+
+    [Fact]
     public void PeftWithoutConfigAndPicklesAreRefused()
     {
         var dir = Path.Combine(_dir, "noconfig");
