@@ -89,7 +89,7 @@ public static class LoraBench
                 {
                     var sw = Stopwatch.StartNew();
                     using var lease = withAdapter ? reg.Acquire(["style"]) : null;
-                    using var hook = lease?.CreateHook([("style", 1.0)]);
+                    using var hook = lease?.CreateHook([("style", 1.0)], tinyTargets);
                     using (LinearHooks.Use(hook)) using (no_grad()) using (NewDisposeScope())
                         foreach (var s in pipe.Generate(o, null, CancellationToken.None)) s.Dispose();
                     return sw.Elapsed.TotalMilliseconds;
@@ -132,7 +132,7 @@ public static class LoraBench
                 using var lease = reg.Acquire(["style"]);
                 double baseMs = Step(null);
                 double unmerged;
-                using (var hook = lease.CreateHook([("style", 1.0)])) unmerged = Step(hook);
+                using (var hook = lease.CreateHook([("style", 1.0)], tinyTargets)) unmerged = Step(hook);
                 double merged;
                 using (LoraMerge.Merge(pipe.Transformer, lease["style"].Weights, 1.0)) merged = Step(null);
                 Console.WriteLine($"per step, tiny-sd3 transformer (batch 2, {side}x{side} latents): base {baseMs:F2} ms, unmerged LoRA {unmerged:F2} ms (x{unmerged / baseMs:F2}), merged {merged:F2} ms (x{merged / baseMs:F2})");

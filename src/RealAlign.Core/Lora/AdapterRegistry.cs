@@ -96,7 +96,8 @@ public sealed class AdapterLease : IDisposable
     /// A hook for a batch: <paramref name="rows"/>[i] lists (adapter name, scale) for batch row i
     /// (a name used twice in a row adds its scales). One row means: the same for every row.
     /// </summary>
-    public LoraHook CreateHook(IReadOnlyList<IReadOnlyList<(string Name, double Scale)>> rows)
+    /// <param name="scope">the backbone's target set: layers of other models are left alone.</param>
+    public LoraHook CreateHook(IReadOnlyList<IReadOnlyList<(string Name, double Scale)>> rows, LoraTargetSet? scope = null)
     {
         var adapters = new List<LoraHookAdapter>();
         foreach (var v in Versions)
@@ -107,11 +108,11 @@ public sealed class AdapterLease : IDisposable
                     if (n == v.Name) scales[i] += s;
             adapters.Add(new LoraHookAdapter(v.Weights, scales));
         }
-        return new LoraHook(adapters);
+        return new LoraHook(adapters, scope);
     }
 
     /// <summary>Every leased adapter on every row, each with its scale.</summary>
-    public LoraHook CreateHook(IReadOnlyList<(string Name, double Scale)> adapters) => CreateHook([adapters]);
+    public LoraHook CreateHook(IReadOnlyList<(string Name, double Scale)> adapters, LoraTargetSet? scope = null) => CreateHook([adapters], scope);
 
     public void Dispose()
     {

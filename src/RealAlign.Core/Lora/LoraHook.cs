@@ -42,8 +42,13 @@ public sealed class LoraHook : ILinearHook, IDisposable
 
     public IReadOnlyList<LoraWeights> Adapters => _entries.Select(e => e.Weights).ToList();
 
-    public LoraHook(IEnumerable<LoraHookAdapter> adapters)
+    private readonly IReadOnlySet<LoRACompatibleLinear>? _scope;
+
+    /// <param name="scope">only these layers are adapted (e.g. the backbone transformer's, see
+    /// <see cref="LoraTargetSet.Layers"/>); null adapts any layer whose path an adapter names.</param>
+    public LoraHook(IEnumerable<LoraHookAdapter> adapters, LoraTargetSet? scope = null)
     {
+        _scope = scope?.Layers;
         _entries = adapters.Select(a =>
         {
             if (a.RowScales.Count == 0) throw new ArgumentException("an adapter needs at least one row scale");
@@ -52,10 +57,11 @@ public sealed class LoraHook : ILinearHook, IDisposable
         }).Where(e => e.RowScales.Any(s => s != 0)).ToArray();
     }
 
-    public LoraHook(LoraWeights weights, double scale = 1.0) : this([LoraHookAdapter.AllRows(weights, scale)]) { }
+    public LoraHook(LoraWeights weights, double scale = 1.0, LoraTargetSet? scope = null) : this([LoraHookAdapter.AllRows(weights, scale)], scope) { }
 
     public Tensor Apply(LoRACompatibleLinear layer, Tensor x, Tensor y)
     {
+        if (_scope is not null && !_scope.Contains(layer)) return y;
         Tensor? result = null;
         using var scope = NewDisposeScope();
         foreach (var e in _entries)

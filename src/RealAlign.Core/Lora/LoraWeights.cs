@@ -195,6 +195,11 @@ public sealed class LoraTargetSet
     /// <summary>Backbone family (<c>sd3</c>, <c>flux</c>, <c>sd15</c>, ...): selects the kohya key converter.</summary>
     public string Family { get; }
     public IReadOnlyDictionary<string, (long In, long Out)> Linears { get; }
+    /// <summary>
+    /// The layer instances (when built from a model): a <see cref="LoraHook"/> scoped to them leaves
+    /// other models' layers alone (text encoders and VAE run on the same thread and may share a path).
+    /// </summary>
+    public IReadOnlySet<LoRACompatibleLinear>? Layers { get; init; }
 
     public LoraTargetSet(string family, IReadOnlyDictionary<string, (long In, long Out)> linears)
     {
@@ -206,13 +211,15 @@ public sealed class LoraTargetSet
     public static LoraTargetSet FromModule(nn.Module model, string family)
     {
         var d = new Dictionary<string, (long, long)>(StringComparer.Ordinal);
+        var layers = new HashSet<LoRACompatibleLinear>(ReferenceEqualityComparer.Instance);
         foreach (var (name, m) in model.named_modules())
             if (m is LoRACompatibleLinear l)
             {
                 if (string.IsNullOrEmpty(l.Path)) l.Path = name;
                 d[name] = (l.InFeatures, l.OutFeatures);
+                layers.Add(l);
             }
-        return new LoraTargetSet(family, d);
+        return new LoraTargetSet(family, d) { Layers = layers };
     }
 }
 

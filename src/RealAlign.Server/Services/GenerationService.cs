@@ -44,12 +44,12 @@ public sealed class GenerationService(
         // Adapter versions are captured now, at request start: a hot swap while this request waits or
         // runs does not change it. The lease is released when the device work has finished (not when
         // this call returns: a cancelled call may return while its work item is still running).
-        var (lease, appliedAdapters) = AcquireAdapters(req);
+        var (lease, appliedAdapters, adapterScope) = AcquireAdapters(req);
         Task<IReadOnlyList<SampleResult>> run;
         try
         {
             run = executor.RunAsync(
-                token => RunOnDevice(req, lease, events.Writer, stepSeconds, token),
+                token => RunOnDevice(req, lease, adapterScope, events.Writer, stepSeconds, token),
                 ct,
                 onQueued: ahead =>
                 {
@@ -97,17 +97,17 @@ public sealed class GenerationService(
     /// The request's adapters resolved to their current versions (NOT_FOUND names the unknown ones),
     /// and how the response reports them (<c>name@version</c>, scale).
     /// </summary>
-    private (AdapterLease? Lease, IReadOnlyList<AdapterRef> Applied) AcquireAdapters(ValidatedGenerate req)
+    private (AdapterLease? Lease, IReadOnlyList<AdapterRef> Applied, LoraTargetSet? Scope) AcquireAdapters(ValidatedGenerate req)
     {
-        if (req.Adapters is null) return (null, []);
-        adapterBinder.Ensure(req.Backbone);
+        if (req.Adapters is null) return (null, [], null);
+        var backbone = adapterBinder.Ensure(req.Backbone);
         var lease = adapterBinder.Adapters.Acquire(req.Adapters.Select(a => a.Name));
         try
         {
             foreach (var v in lease.Versions)
                 if (v.Backbone != req.Backbone.Name)
                     throw new InvalidRequestException($"adapters: '{v.Name}' was loaded for backbone '{v.Backbone}', not '{req.Backbone.Name}'");
-            return (lease, req.Adapters.Select(a => new AdapterRef { Name = $"{a.Name}@{lease[a.Name].Version}", Scale = a.Scale }).ToList());
+            return (lease, req.Adapters.Select(a => new AdapterRef { Name = $"{a.Name}@{lease[a.Name].Version}", Scale = a.Scale }).ToList(), backbone.Targets);
         }
         catch
         {
@@ -118,7 +118,7 @@ public sealed class GenerationService(
 
     /// <summary>Runs on the device thread inside a dispose scope and no_grad; never awaits.</summary>
     private static IReadOnlyList<SampleResult> RunOnDevice(
-        ValidatedGenerate req, AdapterLease? lease, ChannelWriter<GenerateEvent> events, Prometheus.Histogram.Child stepSeconds, CancellationToken ct)
+        ValidatedGenerate req, AdapterLease? lease, LoraTargetSet? adapterScope, ChannelWriter<GenerateEvent> events, Prometheus.Histogram.Child stepSeconds, CancellationToken ct)
     {
         ct.ThrowIfCancellationRequested();
         var noise = req.PriorNoise?.Select((t, i) => TensorWire.ToTorch(t, $"prior_noise[{i}]")).ToList();
@@ -146,8 +146,9 @@ public sealed class GenerationService(
         }
 
         // LoRA is applied by a hook on the transformer's linear layers for this call only (every image
-        // row uses the request's adapters; the base weights are never modified).
-        using var hook = lease?.CreateHook(req.Adapters!.Select(a => (a.Name, (double)a.Scale)).ToList());
+        // row uses the request's adapters; the base weights are never modified; the text encoders and
+        // VAE, which run on this thread too, are outside the hook's scope).
+        using var hook = lease?.CreateHook(req.Adapters!.Select(a => (a.Name, (double)a.Scale)).ToList(), adapterScope);
         IReadOnlyList<GeneratedSample> samples;
         using (LinearHooks.Use(hook))
             samples = req.Backbone.Pipeline.Generate(generation, OnStep, ct);

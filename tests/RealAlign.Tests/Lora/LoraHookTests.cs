@@ -87,6 +87,24 @@ public class LoraHookTests
     }
 
     [Fact]
+    public void ScopedHookLeavesOtherModelsAlone()
+    {
+        using var _ = no_grad();
+        var (a, targets) = Model();
+        var (b, _) = Model(); // same paths, other instances (like a text encoder beside the transformer)
+        using var w = LoraWeights.CreateRandom(targets, targets.Linears.Keys, 2, 2, seed: 6);
+        var x = randn(2, 3, 6);
+        var baseA = a.forward(x);
+        var baseB = b.forward(x);
+        using var hook = new LoraHook(w, 1.0, scope: targets);
+        using (LinearHooks.Use(hook))
+        {
+            Assert.False(a.forward(x).allclose(baseA, 1e-4, 1e-4));
+            Assert.True(LoraTestUtil.BitEqual(b.forward(x), baseB));
+        }
+    }
+
+    [Fact]
     public void DeviceCopiesAreMadeOncePerDtype()
     {
         using var _ = no_grad();

@@ -164,7 +164,7 @@ public class Sd3PipelineLoraTests
             var fmt = m.Groups["fmt"].Value;
             double s = double.Parse(m.Groups["s"].Value, CultureInfo.InvariantCulture);
             using var w = LoraFormats.Load(c.PathOf("adapters", fmt), targets, new LoraLoadOptions { Format = fmt });
-            using var hook = new LoraHook(w, s);
+            using var hook = new LoraHook(w, s, scope: targets);
             Check(name[..^".final_latents".Length], hook);
             checkedCount++;
         }
