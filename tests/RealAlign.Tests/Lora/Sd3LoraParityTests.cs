@@ -130,21 +130,10 @@ public class Sd3PipelineLoraTests
         using var c = Fixtures.Case("sd3_pipeline_lora");
         using var pipe = RealAlign.Core.Pipelines.StableDiffusion3Pipeline.FromPretrained(c.PathOf(c.Json["pipeline_dir"]!.GetValue<string>()));
         var targets = LoraTargetSet.FromModule(pipe.Transformer, pipe.Family);
-        var a = c.Json["call_args"]!.AsObject();
         using var _ = no_grad();
         using var scope = NewDisposeScope();
         var latents = c.In("latents");
-        var o = new RealAlign.Core.Pipelines.GenerationOptions
-        {
-            Prompt = a["prompt"]![0]!.GetValue<string>(),
-            NegativePrompt = a["negative_prompt"]![0]!.GetValue<string>(),
-            GuidanceScale = a["guidance_scale"]!.GetValue<double>(),
-            NumInferenceSteps = a["num_inference_steps"]!.GetValue<int>(),
-            Height = a["height"]!.GetValue<int>(),
-            Width = a["width"]!.GetValue<int>(),
-            NumImages = (int)latents.shape[0],
-            PriorNoise = Enumerable.Range(0, (int)latents.shape[0]).Select(i => latents[i]).ToArray(),
-        };
+        var o = PipelineCases.OptionsFrom(c, latents);
 
         void Check(string prefix, LoraHook? hook)
         {

@@ -8,22 +8,6 @@ namespace RealAlign.Tests.Pipelines;
 /// <summary>sd3_pipeline end to end: prompt embeddings, every step's latents and transformer output, final latents, decode, image.</summary>
 public class Sd3PipelineTests
 {
-    private static GenerationOptions OptionsFrom(GoldenCase c, Tensor priorNoise)
-    {
-        var a = c.Json["call_args"]!.AsObject();
-        return new GenerationOptions
-        {
-            Prompt = a["prompt"]![0]!.GetValue<string>(),
-            NegativePrompt = a["negative_prompt"]![0]!.GetValue<string>(),
-            GuidanceScale = a["guidance_scale"]!.GetValue<double>(),
-            NumInferenceSteps = a["num_inference_steps"]!.GetValue<int>(),
-            Height = a["height"]!.GetValue<int>(),
-            Width = a["width"]!.GetValue<int>(),
-            NumImages = (int)priorNoise.shape[0],
-            PriorNoise = Enumerable.Range(0, (int)priorNoise.shape[0]).Select(i => priorNoise[i]).ToArray(),
-        };
-    }
-
     [Fact]
     public void MatchesDiffusersEndToEnd()
     {
@@ -31,7 +15,7 @@ public class Sd3PipelineTests
         using var pipe = StableDiffusion3Pipeline.FromPretrained(c.PathOf(c.Json["pipeline_dir"]!.GetValue<string>()));
         using var _ = no_grad();
         using var scope = NewDisposeScope();
-        var o = OptionsFrom(c, c.In("latents"));
+        var o = PipelineCases.OptionsFrom(c, c.In("latents"));
 
         var pos = pipe.EncodePrompt([o.Prompt]);
         var neg = pipe.EncodePrompt([o.NegativePrompt]);
